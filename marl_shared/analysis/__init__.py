@@ -1,0 +1,1 @@
+"""Analysis: evaluation, plots, representation similarity and rendering of runs."""

@@ -1,0 +1,228 @@
+"""The ``marl-shared`` command line: one Hydra app per sub-command over ``marl_shared/conf``.
+
+``marl-shared train [overrides...]`` trains; ``marl-shared doctor`` reports which
+simulators work here. User errors end with one line on stderr and exit code 2; nothing
+half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).parent / "conf")
+USER_ERROR_EXIT = 2
+COMMANDS = ("train", "doctor")
+
+logger = logging.getLogger("marl_shared")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from marl_shared.envs.spec import TaskError
+    from marl_shared.training.checkpoint import CheckpointError
+    from marl_shared.training.config import ConfigError
+    from marl_shared.training.run import RunDirError
+
+    return (TaskError, ConfigError, CheckpointError, RunDirError)
+
+
+def fail(message: str) -> None:
+    """One clear line and a non-zero exit."""
+    sys.stderr.write(f"marl-shared: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(USER_ERROR_EXIT)
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    level = os.environ.get("MARL_SHARED_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    logging.getLogger("marl_shared").setLevel(level)
+    for noisy in ("ray", "ray.rllib", "ray.tune", "jax", "absl"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _quiet_environment() -> None:
+    """Keep third-party start-up chatter out of the console."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train_command(cfg) -> None:
+    """Validate, create the run directory, train, print the summary table."""
+    from marl_shared.training.config import validate_config
+    from marl_shared.training.run import (
+        Trainer,
+        default_run_dir,
+        load_run_config,
+        prepare_run_dir,
+        resolve_tasks,
+    )
+
+    config = validate_config(cfg)
+    resume_from = None
+    if config.resume:
+        resume_from = Path(config.resume).expanduser()
+        run_dir = resume_from if (resume_from / "config.yaml").is_file() else resume_from.parents[1]
+        started = load_run_config(run_dir)
+        started.train = config.train if _budget_overridden() else started.train
+        config = started
+    else:
+        run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
+
+    specs = resolve_tasks(config)  # raises before anything is written
+    created = not run_dir.exists()
+    prepare_run_dir(run_dir, overwrite=config.overwrite, resuming=resume_from is not None)
+    trainer = Trainer(config, specs, run_dir)
+    try:
+        _run_with_progress(trainer, resume_from)
+    except BaseException:
+        if created and not any(run_dir.glob("checkpoints/iter_*")) and not trainer.history:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        trainer.stop()
+
+
+def _budget_overridden() -> bool:
+    return any(arg.startswith("train.") for arg in sys.argv[1:])
+
+
+def _run_with_progress(trainer, resume_from: Path | None) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=False)
+    config = trainer.config
+    console.print(
+        f"[bold]marl-shared train[/bold] {config.experiment_name}: "
+        f"{', '.join(config.tasks)} -> {trainer.run_dir}"
+    )
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} env steps"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not config.train.progress,
+    ) as progress:
+        bar = progress.add_task("building", total=float(config.train.env_steps))
+        trainer.build()
+        progress.update(bar, description="training")
+
+        def on_iteration(_trainer, record) -> None:
+            progress.update(
+                bar,
+                completed=min(record["env_steps_total"], config.train.env_steps),
+                description=_progress_line(record),
+            )
+
+        result = trainer.run(resume_from=resume_from, on_iteration=on_iteration)
+    console.print(_summary_table(trainer, result))
+    console.print(f"run directory: {result.run_dir}")
+
+
+def _progress_line(record) -> str:
+    parts = [f"it {record['iteration']}"]
+    for name, values in record["tasks"].items():
+        rate = values.get("win_rate", values.get("score_rate"))
+        ret = values.get("episode_return_mean")
+        if ret is not None:
+            short = name.split("/", 1)[1][:14]
+            parts.append(f"{short} R={ret:.2f}" + (f" {rate:.0%}" if rate is not None else ""))
+    return " | ".join(parts)
+
+
+def _summary_table(trainer, result):
+    from rich.table import Table
+
+    table = Table(title=f"Final greedy evaluation ({trainer.config.train.eval_episodes} episodes/task)")
+    for column in ("task", "env steps", "return", "length", "win / score rate", "95% CI"):
+        table.add_column(column, justify="right" if column != "task" else "left")
+    for spec in trainer.specs:
+        values = result.final_eval.get(spec.name, {})
+        key = "score_rate" if spec.outcome == "goal" else "win_rate"
+        rate = values.get(f"eval_{key}")
+        low, high = values.get(f"eval_{key}_ci95", [None, None])
+        table.add_row(
+            spec.name,
+            f"{result.env_steps.get(spec.name, 0):,}",
+            _fmt(values.get("eval_episode_return_mean")),
+            _fmt(values.get("eval_episode_len_mean"), 1),
+            "-" if rate is None else f"{rate:.1%}",
+            "-" if low is None else f"{low:.0%}-{high:.0%}",
+        )
+    return table
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- doctor
+
+
+def doctor_command() -> None:
+    from marl_shared.doctor import diagnose, library_versions, render_report
+
+    reports = diagnose()
+    print(render_report(reports, library_versions()))
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _hydra_app(config_name: str, task: Callable) -> Callable[[], None]:
+    import hydra
+
+    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
+    def app(cfg) -> None:
+        _setup_logging()
+        try:
+            task(cfg)
+        except _user_errors() as error:
+            fail(str(error))
+        except KeyboardInterrupt:
+            sys.stderr.write("marl-shared: interrupted; the last checkpoint is kept.\n")
+            raise SystemExit(130) from None
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: marl-shared {" + ",".join(COMMANDS) + "} [hydra overrides ...]")
+        print("       marl-shared train --help   shows the config tree and its options")
+        raise SystemExit(0 if argv else USER_ERROR_EXIT)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        fail(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}.")
+    _quiet_environment()
+    if command == "doctor":
+        _setup_logging()
+        doctor_command()
+        return
+    sys.argv = [f"marl-shared {command}", *rest]
+    _hydra_app("train", train_command)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: building the RLlib algorithm from a Hydra config, running it, recording metrics."""
