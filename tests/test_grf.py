@@ -20,7 +20,6 @@ pytestmark = pytest.mark.grf
 
 IDLE, RIGHT, SHOT = 0, 5, 12
 ACTIVE = slice(97, 108)  # simple115v2: one-hot of the player this agent controls
-BALL_OWNER = slice(94, 97)  # simple115v2: none / left / right team owns the ball
 
 # scenario -> (controlled agents, start position of left player 1 in the engine's frame)
 SHAPE_CASES = {
@@ -108,6 +107,16 @@ def test_shapes_positions_and_masks_per_scenario(scenario_task):
     reset = task.reset(seed=0)
     np.testing.assert_allclose(reset.obs[:, :, 2:4], [[[start_x, start_y]] * agents] * 2, atol=0.02)
     np.testing.assert_array_equal(reset.reward, [0.0, 0.0])
+
+
+@pytest.mark.parametrize("scenario", grf.scenario_names())
+def test_every_scenario_starts_with_one_distinct_player_per_agent(scenario):
+    with grf.make(scenario, num_envs=1) as task:
+        agents = task.spec.num_agents
+        batch = task.reset(seed=0)
+        batch = task.step(np.full((1, agents), IDLE))
+    assert batch.obs.shape == (1, agents, 115) and np.isfinite(batch.obs).all()
+    assert np.unique(batch.obs[0, :, ACTIVE].argmax(-1)).size == agents
 
 
 def test_goal_terminates_with_outcome_plus_one(empty_goal_tasks):

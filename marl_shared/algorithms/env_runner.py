@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,9 @@ from marl_shared.models import columns as C
 from marl_shared.models.rl_modules import BACKBONE_ID, TaskModule, task_module_id
 
 logger = logging.getLogger(__name__)
+
+# Simulator outputs arrive as read-only arrays; the module only reads them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 STATS = "__stats__"
 WORKER = "__worker__"

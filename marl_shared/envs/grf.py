@@ -46,7 +46,9 @@ BACKEND = "grf"
 OBS_DIM = 115  # simple115v2
 NUM_ACTIONS = 19  # the engine's "default" action set
 NOOP_ACTION = 0  # action_idle
-DEFAULT_EPISODE_LIMIT = 150  # seed paper's time limit
+# Limitation: the seed paper's limit of 150 steps is also the default for full games, which
+# the engine runs for 3000 steps; pass episode_limit to play 5 vs 5 or 11 vs 11 to the end.
+DEFAULT_EPISODE_LIMIT = 150
 DEFAULT_REWARDS = "scoring,checkpoints"
 INSTALL_HINT = "bash envs/install_grf.sh"
 
@@ -73,7 +75,7 @@ _SCENARIOS: dict[str, tuple[int, int]] = {
     "academy_counterattack_easy": (4, 11),
     "academy_counterattack_hard": (4, 11),
     "academy_single_goal_versus_lazy": (11, 11),
-    "1_vs_1_easy": (1, 1),
+    "1_vs_1_easy": (1, 1),  # each side has only its goalkeeper
     "5_vs_5": (4, 4),  # both goalkeepers are engine-controlled in this scenario
     "11_vs_11_stochastic": (11, 11),
     "11_vs_11_easy_stochastic": (11, 11),
@@ -251,6 +253,8 @@ class FootballTask:
 
     def reset(self, seed: int) -> StepBatch:
         """Reset every environment; env ``i`` draws its episode seeds from ``(seed, i)``."""
+        if not self._envs:
+            raise RuntimeError("reset() was called on a closed football task.")
         root = np.random.SeedSequence(int(seed))
         self._seed_streams = [np.random.default_rng(child) for child in root.spawn(self.num_envs)]
         for index in range(self.num_envs):
@@ -268,8 +272,8 @@ class FootballTask:
                 f"Expected actions of shape {(self.num_envs, self.spec.num_agents)}, "
                 f"got {actions.shape}."
             )
-        if not self._seed_streams:
-            raise RuntimeError("reset(seed) must be called before step().")
+        if not self._seed_streams or not self._envs:
+            raise RuntimeError("step() needs an open task that was reset(seed) first.")
         batch = self._new_batch()
         action_lists = actions.tolist()
         limit = self.spec.episode_limit
@@ -322,9 +326,12 @@ class FootballTask:
         engine_seed = int(self._seed_streams[index].integers(0, 2**31 - 1))
         # The engine reads these when it builds the next episode's scenario; its own rule
         # ties the team processing order to the seed's parity.
-        config = self._configs[index]
-        config.update({"game_engine_random_seed": engine_seed})
-        config.update({"reverse_team_processing": bool(engine_seed % 2)})
+        self._configs[index].update(
+            {
+                "game_engine_random_seed": engine_seed,
+                "reverse_team_processing": bool(engine_seed % 2),
+            }
+        )
         raw = self._envs[index].reset()
         self._obs[index] = self._to_simple115(raw, True)
         self._collected[index] = 0

@@ -32,6 +32,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from marl_shared.envs.spec import (
@@ -200,9 +202,6 @@ class _Program:
     """
 
     def __init__(self, simulator: _Simulator) -> None:
-        import jax
-        import jax.numpy as jnp
-
         env = _make_env(simulator)
         self.env = env
         self.device = jax.devices("cpu")[0]
@@ -280,6 +279,13 @@ def _seed_key(seed: int) -> np.ndarray:
     return np.array([value >> 32, value & 0xFFFFFFFF], dtype=np.uint32)
 
 
+def _to_host(outputs: tuple) -> list[np.ndarray]:
+    """One device-to-host transfer of all outputs, as writable arrays the caller may keep."""
+    # On the CPU device, device_get hands out read-only views of JAX's buffers; one copy
+    # makes them ordinary arrays, as the other adapters return.
+    return [np.array(array) for array in jax.device_get(outputs)]
+
+
 class SmaxTask:
     """``num_envs`` SMAX environments of one map, stepped together in one jitted call."""
 
@@ -297,11 +303,9 @@ class SmaxTask:
 
     def reset(self, seed: int) -> SmaxStepBatch:
         """Reset every environment; the seed fixes all randomness of the batch from here on."""
-        import jax
-
         key = jax.device_put(_seed_key(seed), self._program.device)
         self._keys, self._states, outputs = self._program.reset(key, self.num_envs)
-        obs, avail, world = jax.device_get(outputs)
+        obs, avail, world = _to_host(outputs)
         envs = self.num_envs
         return SmaxStepBatch(
             obs=obs,
@@ -317,20 +321,22 @@ class SmaxTask:
 
     def step(self, actions: np.ndarray) -> SmaxStepBatch:
         """Step every environment with int actions [B, N]; finished ones reset themselves."""
-        import jax
-
         if self._states is None:
             raise RuntimeError("reset(seed) must be called before step().")
         actions = np.asarray(actions)
         if actions.shape != self._action_shape:
-            raise ValueError(f"Expected actions of shape {self._action_shape}, got {actions.shape}.")
+            raise ValueError(
+                f"Expected actions of shape {self._action_shape}, got {actions.shape}."
+            )
         if actions.min() < 0 or actions.max() >= self.spec.num_actions:
-            raise ValueError(f"Actions of {self.spec.name} must lie in [0, {self.spec.num_actions}).")
+            raise ValueError(
+                f"Actions of {self.spec.name} must lie in [0, {self.spec.num_actions})."
+            )
         self._keys, self._states, outputs = self._program.step(
             self._keys, self._states, actions.astype(np.int32, copy=False), self._limit
         )
         obs, avail, world, reward, terminated, truncated, final_state, outcome, final_obs = (
-            jax.device_get(outputs)
+            _to_host(outputs)
         )
         return SmaxStepBatch(
             obs=obs,

@@ -169,7 +169,7 @@ def write_checkpoint(
     os.replace(latest_tmp, checkpoint_dir / LATEST)
     if keep:
         _prune(checkpoint_dir, keep)
-    logger.info("checkpoint written: %s", final)
+    logger.debug("checkpoint written: %s", final)
     return final
 
 
