@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # Ray starts its helper processes after JAX is imported; those children never run JAX.
+    warnings.filterwarnings("ignore", message="os.fork\\(\\) was called", category=RuntimeWarning)
 
 
 # ----------------------------------------------------------------------------- train
@@ -153,7 +156,9 @@ def _progress_line(record) -> str:
 def _summary_table(trainer, result):
     from rich.table import Table
 
-    table = Table(title=f"Final greedy evaluation ({trainer.config.train.eval_episodes} episodes/task)")
+    table = Table(
+        title=f"Final greedy evaluation ({trainer.config.train.eval_episodes} episodes/task)"
+    )
     for column in ("task", "env steps", "return", "length", "win / score rate", "95% CI"):
         table.add_column(column, justify="right" if column != "task" else "left")
     for spec in trainer.specs:

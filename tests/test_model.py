@@ -86,7 +86,9 @@ def test_a_gradient_from_each_task_reaches_the_backbone(specs, recurrent):
         assert out[C.LOGITS].shape == (3, 4, spec.num_agents, spec.num_actions)
         masked = out[C.LOGITS].masked_select(~batch[C.AVAIL])
         assert torch.all(masked == MASKED_LOGIT)
-        torch.log_softmax(out[C.LOGITS], -1).gather(-1, batch[C.ACTIONS][..., None]).sum().backward()
+        torch.log_softmax(out[C.LOGITS], -1).gather(
+            -1, batch[C.ACTIONS][..., None]
+        ).sum().backward()
         grads = [p.grad for p in backbone.parameters()]
         assert all(g is not None for g in grads), spec.name
         assert sum(float(g.abs().sum()) for g in grads) > 0, spec.name
@@ -114,7 +116,7 @@ def test_the_backbone_is_stepped_exactly_once_per_update(specs):
         # Adam counts its steps per parameter: once per update, not once per task.
         for p in backbone_params:
             assert int(optimizer.state[p]["step"]) == update
-    assert any(not torch.equal(b, p) for b, p in zip(before, backbone_params))
+    assert any(not torch.equal(b, p) for b, p in zip(before, backbone_params, strict=True))
 
 
 def test_masked_actions_are_never_sampled():

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from marl_shared.envs import TaskError, UnknownTaskError, make_task, task_spec
-from marl_shared.envs import smax
+from marl_shared.envs import TaskError, UnknownTaskError, make_task, smax, task_spec
 
 NUM_ENVS = 4
 MARINE_ATTACK_RANGE = 5.0  # SMAX's default for marines
@@ -43,7 +42,6 @@ def focus_fire(avail: np.ndarray) -> np.ndarray:
         elif not avail[env, agent, MOVE_EAST]:
             actions[env, agent] = STOP
     return actions
-
 
 
 def random_valid(rng: np.random.Generator, avail: np.ndarray) -> np.ndarray:

@@ -260,7 +260,7 @@ class BatchedTaskEnvRunner(EnvRunner, Checkpointable):
 
     @torch.no_grad()
     def evaluate(self, num_episodes: int, *, greedy: bool = True, seed: int = 0) -> dict[str, Any]:
-        """Exactly ``num_episodes`` fresh episodes per task, each environment counted once per round."""
+        """``num_episodes`` fresh episodes per task; each environment counts once per round."""
         report = {}
         for index, spec in enumerate(self.task_specs):
             module: TaskModule = self.module[task_module_id(spec.name)]

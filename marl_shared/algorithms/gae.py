@@ -1,4 +1,4 @@
-"""Generalised advantage estimation over [T, B, N] rollouts with terminations and truncations kept apart."""
+"""Generalised advantage estimation over [T, B, N] rollouts; terminations and truncations apart."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from marl_shared.algorithms.env_runner import STATS, WORKER, BatchedTaskEnvRunner
-from marl_shared.models import columns as C
 from marl_shared.envs.spec import TaskSpec
+from marl_shared.models import columns as C
 from marl_shared.models.rl_modules import BACKBONE_ID, build_module_spec, task_module_id
 
 logger = logging.getLogger(__name__)

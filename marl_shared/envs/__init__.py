@@ -18,7 +18,7 @@ from marl_shared.envs.spec import (
     UnknownTaskError,
 )
 
-# backend name -> module that defines ``scenario_names()`` and ``make(scenario, num_envs, **options)``
+# backend -> module defining ``scenario_names()`` and ``make(scenario, num_envs, **options)``
 BACKENDS = {
     "smax": "marl_shared.envs.smax",
     "grf": "marl_shared.envs.grf",

@@ -19,7 +19,8 @@ Conventions of this adapter:
 - actions: 0-3 move (north, east, south, west), 4 stop, ``5 + j`` attack enemy ``j``; a
   dead unit is left only the stop action, which is therefore ``noop_action``.
 
-JAX runs on the CPU device; the adapter sets no global JAX or XLA flag.
+JAX runs on the CPU device, even where a GPU build of JAX is installed, through a
+scoped ``jax.default_device``; the adapter sets no global JAX or XLA flag.
 """
 
 from __future__ import annotations
@@ -186,25 +187,18 @@ def spec(scenario: str, **options: Any) -> TaskSpec:
     return _spec_of(_make_env(simulator), simulator, episode_limit)
 
 
-@dataclass
-class SmaxStepBatch(StepBatch):
-    """A :class:`StepBatch` that also carries the per-agent observations an episode ended in."""
-
-    final_obs: np.ndarray | None = None  # [B, N, obs_dim], valid where terminated | truncated
-
-
 class _Program:
-    """The jitted batch functions of one SMAX simulator, shared by every task that uses it.
+    """The jitted batch functions of one SMAX simulator, shared by every task that uses it."""
 
-    Both are pure: ``reset(key, num_envs)`` and ``step(keys, states, actions, limit)``
-    return new per-environment keys and states with the outputs, so tasks of the same map
-    share one jit cache whatever their batch size or episode limit.
-    """
+    # Both functions are pure: reset(key, num_envs) and step(keys, states, actions, limit)
+    # return new per-environment keys and states with the outputs, so tasks of one map
+    # share a jit cache whatever their batch size or episode limit.
 
     def __init__(self, simulator: _Simulator) -> None:
-        env = _make_env(simulator)
-        self.env = env
         self.device = jax.devices("cpu")[0]
+        with jax.default_device(self.device):
+            env = _make_env(simulator)
+        self.env = env
         agents = list(env.agents)
         num_allies = env.num_allies
 
@@ -301,13 +295,15 @@ class SmaxTask:
         self._keys = None  # per-environment PRNG keys, on the device
         self._states = None  # per-environment SMAX states, on the device
 
-    def reset(self, seed: int) -> SmaxStepBatch:
+    def reset(self, seed: int) -> StepBatch:
         """Reset every environment; the seed fixes all randomness of the batch from here on."""
-        key = jax.device_put(_seed_key(seed), self._program.device)
-        self._keys, self._states, outputs = self._program.reset(key, self.num_envs)
+        device = self._program.device
+        with jax.default_device(device):
+            key = jax.device_put(_seed_key(seed), device)
+            self._keys, self._states, outputs = self._program.reset(key, self.num_envs)
         obs, avail, world = _to_host(outputs)
         envs = self.num_envs
-        return SmaxStepBatch(
+        return StepBatch(
             obs=obs,
             avail_actions=avail,
             state=world,
@@ -319,7 +315,7 @@ class SmaxTask:
             final_obs=np.zeros_like(obs),
         )
 
-    def step(self, actions: np.ndarray) -> SmaxStepBatch:
+    def step(self, actions: np.ndarray) -> StepBatch:
         """Step every environment with int actions [B, N]; finished ones reset themselves."""
         if self._states is None:
             raise RuntimeError("reset(seed) must be called before step().")
@@ -332,13 +328,14 @@ class SmaxTask:
             raise ValueError(
                 f"Actions of {self.spec.name} must lie in [0, {self.spec.num_actions})."
             )
-        self._keys, self._states, outputs = self._program.step(
-            self._keys, self._states, actions.astype(np.int32, copy=False), self._limit
-        )
+        with jax.default_device(self._program.device):
+            self._keys, self._states, outputs = self._program.step(
+                self._keys, self._states, actions.astype(np.int32, copy=False), self._limit
+            )
         obs, avail, world, reward, terminated, truncated, final_state, outcome, final_obs = (
             _to_host(outputs)
         )
-        return SmaxStepBatch(
+        return StepBatch(
             obs=obs,
             avail_actions=avail,
             state=world,

@@ -69,6 +69,7 @@ class StepBatch:
     final_state: np.ndarray  # [B, state_dim] float32, valid where terminated | truncated
     outcome: np.ndarray  # [B] float32, valid where an episode ended: SMAC 1 won / 0 not;
     # football: goals scored minus conceded in the episode (>0 counts as a score)
+    final_obs: np.ndarray | None = None  # [B, N, obs_dim] where an episode ended, if supplied
 
 
 class BatchedTask(Protocol):

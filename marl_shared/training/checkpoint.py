@@ -180,7 +180,7 @@ def _prune(checkpoint_dir: Path, keep: int) -> None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Accept a checkpoint folder, a ``checkpoints`` folder or a run folder; return the checkpoint."""
+    """Accept a checkpoint, a ``checkpoints`` folder or a run folder; return the checkpoint."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"No checkpoint at {path}: the path does not exist.")
@@ -206,7 +206,9 @@ def read_manifest(checkpoint: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((checkpoint / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"Checkpoint {checkpoint} has an unreadable manifest ({error}).")
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} has an unreadable manifest ({error})."
+        ) from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{checkpoint} is not a marl-shared checkpoint.")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -243,7 +245,9 @@ def load_learner_state(checkpoint: Path) -> dict[str, Any] | None:
         skeleton = json.loads((checkpoint / LEARNER_TREE).read_text())
         arrays = load_file(str(checkpoint / LEARNER_TENSORS))
     except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"Checkpoint {checkpoint} has a corrupt learner state ({error}).")
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} has a corrupt learner state ({error})."
+        ) from None
     return join_tree(skeleton, arrays)
 
 
@@ -251,4 +255,6 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads((checkpoint / TRAINER).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"Checkpoint {checkpoint} has an unreadable trainer state ({error}).")
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} has an unreadable trainer state ({error})."
+        ) from None

@@ -103,8 +103,10 @@ def validate_config(cfg: DictConfig | dict) -> TrainConfig:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
         config: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        message = str(error).splitlines()[0]
-        raise ConfigError(f"Invalid configuration: {message}") from None
+        message = str(error).splitlines()[0].rstrip(".")
+        key = getattr(error, "full_key", None)
+        where = f" at {key}" if key else ""
+        raise ConfigError(f"Invalid configuration{where}: {message}.") from None
 
     if not config.tasks:
         raise ConfigError("No tasks configured: set tasks='[smax/3m,...]' or pick an experiment.")
@@ -112,10 +114,13 @@ def validate_config(cfg: DictConfig | dict) -> TrainConfig:
         raise ConfigError(f"Each task may appear once, got {config.tasks}.")
     if config.algo.task_weighting not in ("uniform", "win_rate"):
         raise ConfigError(
-            f"algo.task_weighting must be 'uniform' or 'win_rate', not {config.algo.task_weighting!r}."
+            "algo.task_weighting must be 'uniform' or 'win_rate', "
+            f"not {config.algo.task_weighting!r}."
         )
     if config.model.head not in ("action_scoring", "linear"):
-        raise ConfigError(f"model.head must be 'action_scoring' or 'linear', not {config.model.head!r}.")
+        raise ConfigError(
+            f"model.head must be 'action_scoring' or 'linear', not {config.model.head!r}."
+        )
     positive = {
         "train.env_steps": config.train.env_steps,
         "train.eval_episodes": config.train.eval_episodes,

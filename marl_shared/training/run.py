@@ -68,7 +68,8 @@ def prepare_run_dir(path: Path, *, overwrite: bool, resuming: bool) -> Path:
     """Create the run directory; refuse to write into a used one unless told to."""
     if path.exists() and any(path.iterdir()) and not (overwrite or resuming):
         raise RunDirError(
-            f"Run directory {path} already holds files; pass overwrite=true or pick another run_dir."
+            f"Run directory {path} already holds files; "
+            "pass overwrite=true or pick another run_dir."
         )
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -126,7 +127,12 @@ def init_ray(config: TrainConfig) -> None:
         return
     cluster = config.cluster
     if cluster.address:
-        ray.init(address=cluster.address, include_dashboard=cluster.dashboard, log_to_driver=True)
+        ray.init(
+            address=cluster.address,
+            include_dashboard=cluster.dashboard,
+            log_to_driver=True,
+            logging_level=logging.ERROR,
+        )
         return
     ray.init(
         num_cpus=cluster.num_cpus,
@@ -134,7 +140,7 @@ def init_ray(config: TrainConfig) -> None:
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
-        logging_level=logging.WARNING,
+        logging_level=logging.ERROR,
     )
 
 
@@ -230,7 +236,11 @@ class Trainer:
             "module_ids": {spec.name: task_module_id(spec.name) for spec in self.specs},
             "iteration": self.iteration,
             "env_steps": dict(self.env_steps),
-            "versions": {"marl_shared": __version__, "torch": torch.__version__, "ray": ray.__version__},
+            "versions": {
+                "marl_shared": __version__,
+                "torch": torch.__version__,
+                "ray": ray.__version__,
+            },
         }
 
     def save_checkpoint(self) -> Path:
@@ -321,7 +331,10 @@ class Trainer:
         for spec in self.specs:
             stats = report["tasks"].get(spec.name, {})
             self.env_steps[spec.name] += int(stats.get("env_steps", 0))
-            task_record = {"env_steps": self.env_steps[spec.name], **summarise_episodes(spec, stats)}
+            task_record = {
+                "env_steps": self.env_steps[spec.name],
+                **summarise_episodes(spec, stats),
+            }
             task_record["loss_weight"] = report["task_weights"].get(task_module_id(spec.name))
             record["tasks"][spec.name] = task_record
         interval = self.config.train.eval_interval
@@ -403,12 +416,16 @@ class Trainer:
             self.algo = None
 
 
-def check_shapes(algo: MultiTaskMAPPO, modules: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+def check_shapes(
+    algo: MultiTaskMAPPO, modules: dict[str, dict[str, np.ndarray]], path: Path
+) -> None:
     """Every tensor of the checkpoint must exist in the built model with the same shape."""
     current = algo.learner_group.get_state(components="learner/rl_module")["learner"]["rl_module"]
     for module_id, params in modules.items():
         if module_id not in current:
-            raise ckpt.CheckpointError(f"Checkpoint {path} has module {module_id!r}, the model has not.")
+            raise ckpt.CheckpointError(
+                f"Checkpoint {path} has module {module_id!r}, the model has not."
+            )
         for name, value in params.items():
             have = current[module_id].get(name)
             if have is None:
