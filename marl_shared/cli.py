@@ -16,7 +16,12 @@ from pathlib import Path
 
 CONF_DIR = str(Path(__file__).parent / "conf")
 USER_ERROR_EXIT = 2
-COMMANDS = ("train", "doctor")
+# Sub-commands: name -> (Hydra config name in conf/ or None for a plain command,
+# "module:function" run with the composed config). A new command adds one line here.
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "train": ("train", "marl_shared.cli:train_command"),
+    "doctor": (None, "marl_shared.cli:doctor_command"),
+}
 
 logger = logging.getLogger("marl_shared")
 
@@ -211,22 +216,33 @@ def _hydra_app(config_name: str, task: Callable) -> Callable[[], None]:
     return app
 
 
+def _resolve(target: str) -> Callable:
+    import importlib
+
+    module_name, _, function = target.partition(":")
+    return getattr(importlib.import_module(module_name), function)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: marl-shared {" + ",".join(COMMANDS) + "} [hydra overrides ...]")
-        print("       marl-shared train --help   shows the config tree and its options")
+        print("       marl-shared <command> --help   shows that command's config and options")
         raise SystemExit(0 if argv else USER_ERROR_EXIT)
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}.")
     _quiet_environment()
-    if command == "doctor":
+    config_name, target = COMMANDS[command]
+    if config_name is None:
         _setup_logging()
-        doctor_command()
+        try:
+            _resolve(target)()
+        except _user_errors() as error:
+            fail(str(error))
         return
     sys.argv = [f"marl-shared {command}", *rest]
-    _hydra_app("train", train_command)()
+    _hydra_app(config_name, _resolve(target))()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,11 @@ def validate_config(cfg: DictConfig | dict) -> TrainConfig:
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"])
     try:
+        OmegaConf.select(raw, "experiment_name", throw_on_resolution_failure=True)
+    except OmegaConfBaseException:
+        # Composed outside a Hydra app (tests, notebooks): no runtime choices to read.
+        raw.experiment_name = "custom"
+    try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
         config: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:

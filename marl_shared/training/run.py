@@ -208,6 +208,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
         self.last_checkpoint: Path | None = None
+        self._t0 = time.perf_counter()
 
     # -- set-up
 
