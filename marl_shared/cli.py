@@ -21,6 +21,13 @@ USER_ERROR_EXIT = 2
 COMMANDS: dict[str, tuple[str | None, str]] = {
     "train": ("train", "marl_shared.cli:train_command"),
     "doctor": (None, "marl_shared.cli:doctor_command"),
+    "analyze": ("analyze", "marl_shared.analysis.representations:analyze_command"),
+    "merge": ("merge", "marl_shared.merging.command:merge_command"),
+    "continual": ("continual", "marl_shared.continual.stream:continual_command"),
+    "transfer": ("transfer", "marl_shared.transfer.run:transfer_command"),
+    "evaluate": ("evaluate", "marl_shared.analysis.evaluate:evaluate_command"),
+    "render": ("render", "marl_shared.analysis.render:render_command"),
+    "export": ("export", "marl_shared.export:export_command"),
 }
 
 logger = logging.getLogger("marl_shared")
@@ -28,11 +35,12 @@ logger = logging.getLogger("marl_shared")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from marl_shared.envs.spec import TaskError
+    from marl_shared.policy import PolicyError
     from marl_shared.training.checkpoint import CheckpointError
     from marl_shared.training.config import ConfigError
     from marl_shared.training.run import RunDirError
 
-    return (TaskError, ConfigError, CheckpointError, RunDirError)
+    return (TaskError, ConfigError, CheckpointError, RunDirError, PolicyError)
 
 
 def fail(message: str) -> None:
@@ -86,7 +94,7 @@ def train_command(cfg) -> None:
     resume_from = None
     if config.resume:
         resume_from = Path(config.resume).expanduser()
-        run_dir = resume_from if (resume_from / "config.yaml").is_file() else resume_from.parents[1]
+        run_dir = _run_dir_of(resume_from)
         started = load_run_config(run_dir)
         started.train = config.train if _budget_overridden() else started.train
         config = started
@@ -107,6 +115,18 @@ def train_command(cfg) -> None:
         raise
     finally:
         trainer.stop()
+
+
+def _run_dir_of(path: Path) -> Path:
+    """The run directory holding ``path`` (a run, its checkpoints folder or one checkpoint)."""
+    from marl_shared.training.checkpoint import CheckpointError
+
+    if not path.exists():
+        raise CheckpointError(f"Cannot resume from {path}: the path does not exist.")
+    for candidate in (path, *path.resolve().parents[:2]):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise CheckpointError(f"Cannot resume from {path}: no run directory (config.yaml) holds it.")
 
 
 def _budget_overridden() -> bool:

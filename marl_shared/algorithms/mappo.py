@@ -46,6 +46,9 @@ def default_marl_settings() -> dict[str, Any]:
         "task_options": {},  # task name -> adapter options
         "num_envs": {},  # task name -> environments per env runner
         "eval_num_envs": {},  # task name -> environments used for evaluation
+        "task_placement": {},  # task name -> env runner indices that sample it (absent: all)
+        "sample_retries": 1,  # rounds of re-sampling tasks whose env runners failed
+        "active_tasks": None,  # task names sampled and trained (None: all); continual stages
         "rollout_length": 64,
         "gamma": 0.99,
         "gae_lambda": 0.95,
@@ -217,18 +220,90 @@ class MultiTaskMAPPO(Algorithm):
         self.last_report: dict[str, Any] = {}
         self.env_steps_sampled: dict[str, int] = {}
         self.sample_workers: list[dict] = []
+        self.active_tasks: list[str] | None = None
+        self.set_active_tasks(config.marl["active_tasks"])
+        self.last_faults: dict[str, Any] = {}
+        self.fault_totals = {"env_runners_lost": 0, "rollouts_lost": 0, "local_fallbacks": 0}
 
     # ----------------------------------------------------------------- sampling
 
+    def set_active_tasks(self, names: list[str] | None) -> None:
+        """Sample and train only these tasks from now on (None: all); every module stays."""
+        known = [d["name"] for d in self.config.marl["task_specs"]]
+        if names is not None:
+            unknown = [name for name in names if name not in known]
+            if unknown or not names:
+                raise ValueError(
+                    f"active tasks {list(names)} must be a non-empty subset of {known}"
+                )
+        self.active_tasks = None if names is None else [n for n in known if n in names]
+
+    def sampled_task_names(self) -> list[str]:
+        """The tasks sampled and trained in the next iteration."""
+        return self.active_tasks or [d["name"] for d in self.config.marl["task_specs"]]
+
+    def _runner_tasks(self, runner_ids: list[int], pending: list[str]) -> dict[int, list[str]]:
+        """Env runner index -> the pending tasks it may sample (``task_placement``, else all)."""
+        placement = self.config.marl["task_placement"]
+        assignment = {}
+        for index in runner_ids:
+            tasks = [name for name in pending if index in placement.get(name, [index])]
+            if tasks:
+                assignment[index] = tasks
+        return assignment
+
     def _sample_all(self) -> list[dict[str, Any]]:
+        """One rollout of every task; lost runners are counted and their tasks sampled again.
+
+        A remote env runner that dies or raises loses its rollout of this iteration. Its
+        tasks are sampled again on healthy runners allowed to take them (after RLlib has had
+        a chance to bring restarted runners back), and as a last resort on the local env
+        runner, so every task is sampled in every iteration.
+        """
         group = self.env_runner_group
+        names = self.sampled_task_names()
+        faults = {"env_runners_lost": 0, "rollouts_lost": 0, "local_fallback": [], "restored": []}
+        self.last_faults = faults
         if group.num_remote_env_runners() == 0:
-            return [self.env_runner.sample()]
-        results = group.foreach_env_runner(
-            lambda runner: runner.sample(), local_env_runner=False, healthy_only=True
-        )
-        if not results:
-            raise RuntimeError("no healthy env runner returned samples this iteration")
+            return [self.env_runner.sample(tasks=names)]
+
+        results: list[dict[str, Any]] = []
+        pending = list(names)
+        for attempt in range(1 + int(self.config.marl["sample_retries"])):
+            if attempt > 0:
+                faults["restored"] += self.restore_env_runners(group)
+            assignment = self._runner_tasks(group.healthy_env_runner_ids(), pending)
+            if not assignment:
+                continue
+            returned = group.foreach_env_runner(
+                lambda runner, tasks=assignment: runner.sample(tasks=tasks[runner.worker_index]),
+                local_env_runner=False,
+                healthy_only=True,
+                remote_worker_ids=list(assignment),
+            )
+            answered = {result[WORKER]["index"] for result in returned}
+            for index in set(assignment) - answered:
+                faults["env_runners_lost"] += 1
+                faults["rollouts_lost"] += len(assignment[index])
+                logger.warning(
+                    "env runner %d failed while sampling %s; its rollout is lost",
+                    index,
+                    assignment[index],
+                )
+            results += returned
+            sampled = {name for result in returned for name in result[STATS]}
+            pending = [name for name in pending if name not in sampled]
+            if not pending:
+                break
+
+        if pending:
+            # Limitation: the fallback samples on the driver, which slows the iteration.
+            logger.warning("no healthy env runner for %s; sampling on the driver", pending)
+            faults["local_fallback"] = list(pending)
+            results.append(self.env_runner.sample(tasks=pending))
+        for key in ("env_runners_lost", "rollouts_lost"):
+            self.fault_totals[key] += faults[key]
+        self.fault_totals["local_fallbacks"] += len(faults["local_fallback"])
         return results
 
     def evaluate_tasks(self, num_episodes: int, *, greedy: bool = True) -> dict[str, Any]:
@@ -266,15 +341,14 @@ class MultiTaskMAPPO(Algorithm):
         sample_time = time.perf_counter() - start
 
         # Merge the env runners' rollouts per task (rows are environment segments).
-        module_ids = [task_module_id(d["name"]) for d in settings["task_specs"]]
+        module_ids = [task_module_id(name) for name in self.sampled_task_names()]
         merged: dict[str, dict[str, np.ndarray]] = {}
         task_stats: dict[str, dict[str, Any]] = {}
         self.sample_workers = [r[WORKER] for r in results]
         for mid in module_ids:
-            merged[mid] = {
-                key: np.concatenate([r[mid][key] for r in results], axis=0)
-                for key in results[0][mid]
-            }
+            # A runner returns only the tasks placed on it; every task has at least one.
+            parts = [r[mid] for r in results if mid in r]
+            merged[mid] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         for result in results:
             for name, stats in result[STATS].items():
                 agg = task_stats.setdefault(
@@ -312,6 +386,8 @@ class MultiTaskMAPPO(Algorithm):
                     policy_batches[mid] = SampleBatch(
                         {key: value[rows] for key, value in merged[mid].items()}
                     )
+                if not policy_batches:
+                    continue  # fewer environment segments than minibatches (e.g. one task)
                 learner_results = self.learner_group.update(
                     batch=MultiAgentBatch(policy_batches, env_steps=env_steps),
                     timesteps={
@@ -334,6 +410,7 @@ class MultiTaskMAPPO(Algorithm):
             "sample_time_s": sample_time,
             "learn_time_s": learn_time,
             "workers": self.sample_workers,
+            "faults": {**self.last_faults, "totals": dict(self.fault_totals)},
         }
         self.metrics.log_value("marl_env_steps", env_steps, reduce="sum")
 

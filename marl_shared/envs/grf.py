@@ -250,6 +250,7 @@ class FootballTask:
         self._episode_steps = np.zeros(self.num_envs, dtype=np.int64)
         self._seed_streams: list[np.random.Generator] = []
         self._all_actions = np.ones((*shape, NUM_ACTIONS), dtype=bool)
+        self._last_raw: list[list[dict] | None] = [None] * self.num_envs  # for render_state
 
     def reset(self, seed: int) -> StepBatch:
         """Reset every environment; env ``i`` draws its episode seeds from ``(seed, i)``."""
@@ -279,6 +280,7 @@ class FootballTask:
         limit = self.spec.episode_limit
         for index, env in enumerate(self._envs):
             raw, _, done, info = env.step(action_lists[index])
+            self._last_raw[index] = raw
             self._obs[index] = self._to_simple115(raw, True)
             score = info["score_reward"]
             batch.reward[index] = score + self._checkpoint_reward(index, raw, score)
@@ -294,6 +296,24 @@ class FootballTask:
         batch.obs[:] = self._obs
         batch.state[:] = self._obs.reshape(self.num_envs, -1)
         return batch
+
+    def render_state(self, index: int = 0) -> dict[str, Any]:
+        """Read-only raw engine observation of env ``index`` (positions, ball, score) for drawing.
+
+        On the step an episode ends this is the first observation of the next episode.
+        """
+        raw = self._last_raw[index]
+        if raw is None:
+            raise RuntimeError("reset(seed) must be called before render_state().")
+        first = raw[0]
+        return {
+            "left_team": np.asarray(first["left_team"]),
+            "right_team": np.asarray(first["right_team"]),
+            "ball": np.asarray(first["ball"]),
+            "ball_owned_team": int(first["ball_owned_team"]),
+            "score": tuple(first["score"]),
+            "controlled": [int(obs["active"]) for obs in raw],
+        }
 
     def close(self) -> None:
         """Hand the engines back to gfootball's in-process pool."""
@@ -333,6 +353,7 @@ class FootballTask:
             }
         )
         raw = self._envs[index].reset()
+        self._last_raw[index] = raw
         self._obs[index] = self._to_simple115(raw, True)
         self._collected[index] = 0
         self._episode_steps[index] = 0

@@ -352,6 +352,26 @@ class SmaxTask:
         """The batched JaxMARL states on the device; valid until the next step or reset."""
         return self._states
 
+    def render_state(self, index: int = 0) -> dict[str, Any]:
+        """Read-only snapshot of environment ``index`` for drawing (units, health, attacks)."""
+        if self._states is None:
+            raise RuntimeError("reset(seed) must be called before render_state().")
+        env = self._program.env
+        inner = self._states.state
+        pick = {
+            name: np.asarray(getattr(inner, name))[index]
+            for name in ("unit_positions", "unit_alive", "unit_teams", "unit_health", "unit_types")
+        }
+        pick["prev_attack_actions"] = np.asarray(inner.prev_attack_actions)[index]
+        pick["max_health"] = np.asarray(env.unit_type_health)[pick["unit_types"]]
+        pick["attack_range"] = np.asarray(env.unit_type_attack_ranges)[pick["unit_types"]]
+        pick.update(
+            num_allies=int(env.num_allies),
+            num_movement_actions=int(env.num_movement_actions),
+            map_size=(float(env.map_width), float(env.map_height)),
+        )
+        return pick
+
     def close(self) -> None:
         """Drop the device buffers; the compiled program stays cached for the next task."""
         self._keys = None

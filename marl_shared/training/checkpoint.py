@@ -10,11 +10,14 @@ A checkpoint is a folder ``checkpoints/iter_NNNNNN`` holding
 
 Nothing is pickled, so loading a checkpoint never runs code. A checkpoint is written
 into a temporary folder and renamed into place, and ``checkpoints/latest`` names the
-newest complete one, so a kill during a write never leaves a broken "latest".
+newest complete one, so a kill during a write never leaves a broken "latest". The
+manifest records a sha256 digest of every other file; loading checks them, and a run
+folder whose newest checkpoint fails the check falls back to the previous good one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +41,9 @@ LEARNER_TREE = "learner.json"
 TRAINER = "trainer.json"
 LATEST = "latest"
 TENSOR_REF = "__tensor__"
+# JSON keys are strings; a dict keyed by ints (torch optimizer state: parameter index ->
+# moments) is stored under this marker so that loading gives int keys back.
+INT_KEYS = "__int_keys__"
 
 
 class CheckpointError(ValueError):
@@ -62,7 +68,10 @@ def split_tree(tree: Any, prefix: str = "") -> tuple[Any, dict[str, np.ndarray]]
             arrays[path] = array
             return {TENSOR_REF: path}
         if isinstance(node, dict):
-            return {str(k): walk(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
+            tree = {str(k): walk(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
+            if node and all(isinstance(k, int) and not isinstance(k, bool) for k in node):
+                return {INT_KEYS: tree}
+            return tree
         if isinstance(node, list | tuple):
             return [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
         if isinstance(node, np.generic):
@@ -77,6 +86,8 @@ def join_tree(skeleton: Any, arrays: dict[str, np.ndarray]) -> Any:
     if isinstance(skeleton, dict):
         if set(skeleton) == {TENSOR_REF}:
             return arrays[skeleton[TENSOR_REF]]
+        if set(skeleton) == {INT_KEYS}:
+            return {int(k): join_tree(v, arrays) for k, v in skeleton[INT_KEYS].items()}
         return {k: join_tree(v, arrays) for k, v in skeleton.items()}
     if isinstance(skeleton, list):
         return [join_tree(v, arrays) for v in skeleton]
@@ -159,6 +170,9 @@ def write_checkpoint(
         _fsync(tmp / LEARNER_TENSORS)
         _write_json(tmp / LEARNER_TREE, skeleton)
     _write_json(tmp / TRAINER, trainer_state)
+    full_manifest["sha256"] = {
+        entry.name: file_sha256(entry) for entry in sorted(tmp.iterdir()) if entry.is_file()
+    }
     _write_json(tmp / MANIFEST, full_manifest)  # written last: its presence marks completeness
 
     if final.exists():
@@ -179,26 +193,77 @@ def _prune(checkpoint_dir: Path, keep: int) -> None:
         shutil.rmtree(checkpoint_dir / stale, ignore_errors=True)
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """Read the manifest and check every file against its recorded sha256; return the manifest.
+
+    Checkpoints written before digests were recorded carry none and are only read.
+    """
+    manifest = read_manifest(checkpoint)
+    for name, expected in manifest.get("sha256", {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"Checkpoint {checkpoint} is corrupt: {name} is missing.")
+        if file_sha256(path) != expected:
+            raise CheckpointError(
+                f"Checkpoint {checkpoint} is corrupt: {name} does not match its sha256."
+            )
+    return manifest
+
+
+def _first_good(candidates: list[Path]) -> Path | None:
+    """The first checkpoint in the list that verifies; corrupt ones are logged and skipped."""
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as error:
+            logger.warning("%s Falling back to an older checkpoint.", error)
+            continue
+        return candidate
+    return None
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Accept a checkpoint, a ``checkpoints`` folder or a run folder; return the checkpoint."""
+    """Accept a checkpoint, a ``checkpoints`` folder or a run folder; return a verified checkpoint.
+
+    A checkpoint named directly must verify. Under a run or ``checkpoints`` folder the one
+    ``latest`` names is tried first, then the others newest first, so an incomplete or
+    corrupt newest checkpoint falls back to the previous good one.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"No checkpoint at {path}: the path does not exist.")
-    candidates = [path, path / "checkpoints"]
-    for candidate in candidates:
-        if (candidate / MANIFEST).is_file():
-            return candidate
+    if (path / MANIFEST).is_file():
+        verify_checkpoint(path)
+        return path
+    for candidate in (path, path / "checkpoints"):
+        if not candidate.is_dir():
+            continue
+        complete = sorted(
+            (p for p in candidate.glob("iter_*") if p.is_dir() and (p / MANIFEST).is_file()),
+            reverse=True,
+        )
         latest = candidate / LATEST
         if latest.is_file():
             target = candidate / latest.read_text().strip()
-            if (target / MANIFEST).is_file():
-                return target
-            logger.warning("latest checkpoint %s is incomplete; looking for an older one", target)
-        complete = sorted(
-            p for p in candidate.glob("iter_*") if p.is_dir() and (p / MANIFEST).is_file()
-        )
+            if target in complete:
+                complete.remove(target)
+                complete.insert(0, target)
+            else:
+                logger.warning("latest checkpoint %s is incomplete; using an older one", target)
+        good = _first_good(complete)
+        if good is not None:
+            return good
         if complete:
-            return complete[-1]
+            raise CheckpointError(f"Every checkpoint under {path} is corrupt.")
     raise CheckpointError(f"No complete checkpoint found under {path}.")
 
 
@@ -219,9 +284,22 @@ def read_manifest(checkpoint: Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_digest(checkpoint: Path, name: str, manifest: dict[str, Any]) -> None:
+    expected = manifest.get("sha256", {}).get(name)
+    if expected is None:
+        return
+    if not (checkpoint / name).is_file():
+        raise CheckpointError(f"Checkpoint {checkpoint} is corrupt: {name} is missing.")
+    if file_sha256(checkpoint / name) != expected:
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} is corrupt: {name} does not match its sha256."
+        )
+
+
 def load_module_state(checkpoint: Path) -> dict[str, dict[str, np.ndarray]]:
     """Module weights, checked against the shapes the manifest promises."""
     manifest = read_manifest(checkpoint)
+    _check_digest(checkpoint, MODULES, manifest)
     try:
         flat = load_file(str(checkpoint / MODULES))
     except Exception as error:  # noqa: BLE001 - any decoding failure means a corrupt file
@@ -241,6 +319,9 @@ def load_module_state(checkpoint: Path) -> dict[str, dict[str, np.ndarray]]:
 def load_learner_state(checkpoint: Path) -> dict[str, Any] | None:
     if not (checkpoint / LEARNER_TREE).is_file():
         return None
+    manifest = read_manifest(checkpoint)
+    _check_digest(checkpoint, LEARNER_TREE, manifest)
+    _check_digest(checkpoint, LEARNER_TENSORS, manifest)
     try:
         skeleton = json.loads((checkpoint / LEARNER_TREE).read_text())
         arrays = load_file(str(checkpoint / LEARNER_TENSORS))
@@ -252,6 +333,7 @@ def load_learner_state(checkpoint: Path) -> dict[str, Any] | None:
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    _check_digest(checkpoint, TRAINER, read_manifest(checkpoint))
     try:
         return json.loads((checkpoint / TRAINER).read_text())
     except (OSError, json.JSONDecodeError) as error:

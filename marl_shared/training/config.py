@@ -66,6 +66,11 @@ class ClusterGroup:
     num_learners: int = 0
     num_cpus: int | None = None
     dashboard: bool = False
+    # Ray resources every remote env runner asks for, e.g. {rollout: 1} to keep runners on
+    # the nodes started with --resources='{"rollout": 8}'.
+    custom_resources_per_env_runner: dict[str, float] = field(default_factory=dict)
+    restart_delay_s: float = 1.0  # pause before a failed env runner process exits to restart
+    health_probe_timeout_s: float = 10.0  # wait for a restarted env runner per probe
 
 
 @dataclass
@@ -140,6 +145,8 @@ def validate_config(cfg: DictConfig | dict) -> TrainConfig:
             raise ConfigError(f"{key} must be positive, got {value}.")
     if config.cluster.num_env_runners < 0:
         raise ConfigError("cluster.num_env_runners must be 0 or more.")
+    for name in config.tasks:
+        task_placement(config, name)
     return config
 
 
@@ -148,7 +155,7 @@ def sampling_settings(config: TrainConfig, task_name: str) -> tuple[int, int, di
     backend = task_name.split("/", 1)[0]
     defaults = config.task.backends.get(backend, BackendDefaults())
     override = dict(config.task.per_task.get(task_name, {}))
-    unknown = set(override) - {"num_envs", "eval_num_envs", "options"}
+    unknown = set(override) - {"num_envs", "eval_num_envs", "options", "env_runners"}
     if unknown:
         raise ConfigError(f"task.per_task[{task_name}] has unknown keys {sorted(unknown)}.")
     num_envs = int(override.get("num_envs", defaults.num_envs))
@@ -157,3 +164,20 @@ def sampling_settings(config: TrainConfig, task_name: str) -> tuple[int, int, di
     if num_envs <= 0 or eval_num_envs <= 0:
         raise ConfigError(f"{task_name}: num_envs and eval_num_envs must be positive.")
     return num_envs, eval_num_envs, options
+
+
+def task_placement(config: TrainConfig, task_name: str) -> list[int] | None:
+    """The env runner indices (1..num_env_runners) that sample a task; None: every runner."""
+    runners = config.task.per_task.get(task_name, {}).get("env_runners")
+    if runners is None:
+        return None
+    count = config.cluster.num_env_runners
+    indices = [runners] if isinstance(runners, int) else list(runners)
+    if not indices or any(
+        isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= count for i in indices
+    ):
+        raise ConfigError(
+            f"task.per_task[{task_name}].env_runners must list env runner indices "
+            f"between 1 and cluster.num_env_runners={count}, got {runners}."
+        )
+    return sorted(set(indices))

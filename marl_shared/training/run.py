@@ -25,12 +25,18 @@ from marl_shared.algorithms.mappo import MAPPOConfig, MultiTaskMAPPO
 from marl_shared.envs import TaskSpec, check_task_name, make_task
 from marl_shared.models.rl_modules import task_module_id
 from marl_shared.training import checkpoint as ckpt
-from marl_shared.training.config import ConfigError, TrainConfig, sampling_settings
+from marl_shared.training.config import (
+    ConfigError,
+    TrainConfig,
+    sampling_settings,
+    task_placement,
+)
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 TASKS_FILE = "tasks.json"
+RESUME_SEED_STRIDE = 104_729  # env runner seed offset per resumed iteration
 
 
 class RunDirError(ValueError):
@@ -91,17 +97,28 @@ def build_algorithm_config(config: TrainConfig, specs: list[TaskSpec]) -> MAPPOC
         .env_runners(
             num_env_runners=config.cluster.num_env_runners,
             num_cpus_per_env_runner=config.cluster.num_cpus_per_env_runner,
+            custom_resources_per_env_runner=dict(config.cluster.custom_resources_per_env_runner),
         )
         .learners(num_learners=config.cluster.num_learners)
         .training(lr=algo.lr, num_epochs=algo.num_epochs, grad_clip=algo.grad_clip)
         .debugging(seed=config.seed, log_level="ERROR")
-        .fault_tolerance(restart_failed_env_runners=True)
+        .fault_tolerance(
+            restart_failed_env_runners=True,
+            delay_between_env_runner_restarts_s=config.cluster.restart_delay_s,
+            env_runner_health_probe_timeout_s=config.cluster.health_probe_timeout_s,
+        )
     )
+    placement = {}
+    for spec in specs:
+        runners = task_placement(config, spec.name)
+        if runners is not None:
+            placement[spec.name] = runners
     rllib_config.marl_settings(
         task_specs=[spec.to_dict() for spec in specs],
         task_options=options,
         num_envs=num_envs,
         eval_num_envs=eval_num_envs,
+        task_placement=placement,
         rollout_length=algo.rollout_length,
         gamma=algo.gamma,
         gae_lambda=algo.gae_lambda,
@@ -290,6 +307,14 @@ class Trainer:
         self.algo.win_rate_ema.update(trainer.get("win_rate_ema", {}))
         if "rng" in trainer:
             self.algo.rng.bit_generator.state = trainer["rng"]
+        self.algo._iteration = self.iteration  # RLlib's own counter (evaluation seeds use it)
+        self.algo.env_steps_sampled = dict(self.env_steps)
+        # Limitation: simulator states are not checkpointed; a resumed run starts fresh
+        # episodes, seeded apart from the first run's streams by the iteration it resumes at.
+        offset = RESUME_SEED_STRIDE * self.iteration
+        self.algo.env_runner_group.foreach_env_runner(
+            lambda runner: runner.reseed(offset), local_env_runner=True
+        )
         self.algo.env_runner_group.sync_weights(
             from_worker_or_learner_group=self.algo.learner_group, inference_only=True
         )
@@ -347,6 +372,13 @@ class Trainer:
         record["sample_time_s"] = report["sample_time_s"]
         record["learn_time_s"] = report["learn_time_s"]
         record["learner"] = report["learner"]
+        faults = report.get("faults") or {}
+        record["faults"] = {
+            "env_runners_lost": faults.get("env_runners_lost", 0),
+            "rollouts_lost": faults.get("rollouts_lost", 0),
+            "local_fallback": len(faults.get("local_fallback", [])),
+            "restored": len(faults.get("restored", [])),
+        }
         return record
 
     def run(
@@ -356,7 +388,7 @@ class Trainer:
         on_iteration: Callable[[Trainer, dict[str, Any]], None] | None = None,
     ) -> RunResult:
         from marl_shared.analysis.plots import plot_learning_curves
-        from marl_shared.training.metrics import MetricsWriter, read_metrics
+        from marl_shared.training.metrics import MetricsWriter
 
         self._t0 = time.perf_counter()
         if self.algo is None:
@@ -364,7 +396,7 @@ class Trainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             self._t0 = time.perf_counter()
-            self.history = read_metrics(self.run_dir)[: self.iteration]
+            self.history = truncate_metrics(self.run_dir, self.iteration)
         else:
             self.write_config()
         writer = MetricsWriter(self.run_dir)
@@ -438,6 +470,30 @@ def check_shapes(
                     f"Checkpoint {path} has {module_id}/{name} of shape {list(value.shape)}, "
                     f"the configured model needs {list(np.shape(have))}."
                 )
+
+
+def truncate_metrics(run_dir: Path, iteration: int) -> list[dict[str, Any]]:
+    """Keep the metrics records up to a resumed checkpoint's iteration; rewrite the file."""
+    from marl_shared.training.metrics import CSV_NAME, JSONL_NAME, read_metrics
+
+    path = run_dir / JSONL_NAME
+    if not path.is_file():
+        return []
+    records = read_metrics(run_dir)
+    kept = [r for r in records if r["iteration"] <= iteration and not r.get("final_evaluation")]
+    if len(kept) != len(records):
+        logger.info(
+            "dropping %d metrics records written after the checkpoint", len(records) - len(kept)
+        )
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for record in kept:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        (run_dir / CSV_NAME).unlink(missing_ok=True)  # rebuilt from the JSONL by the writer
+    return kept
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:

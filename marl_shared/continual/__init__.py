@@ -1,0 +1,1 @@
+"""Task streams: forgetting metrics, training dynamics per module, FPF and k-FPF."""
