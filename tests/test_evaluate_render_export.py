@@ -148,11 +148,11 @@ def test_export_loads_without_ray_and_acts_like_the_checkpoint(trained_run, tmp_
 
 
 def test_evaluate_reports_rates_with_intervals_and_is_reproducible(trained_run):
-    report = evaluate(trained_run, episodes=3, seed=5, num_envs=2)
-    again = evaluate(trained_run, episodes=3, seed=5, num_envs=2)
-    assert report == again
+    report = evaluate(trained_run, episodes=2, seed=5, num_envs=2)
+    again = evaluate(trained_run, ["smax/3m"], episodes=2, seed=5, num_envs=2)
+    assert report["tasks"]["smax/3m"] == again["tasks"]["smax/3m"]
     for name, values in report["tasks"].items():
-        assert values["episodes"] == 3
+        assert values["episodes"] == 2
         low, high = values["rate_ci95"]
         assert 0.0 <= low <= values["rate"] <= high <= 1.0
         assert values["length_mean"] >= 1

@@ -262,7 +262,7 @@ class MultiTaskMAPPO(Algorithm):
         """
         group = self.env_runner_group
         names = self.sampled_task_names()
-        faults = {"env_runners_lost": 0, "rollouts_lost": 0, "local_fallback": [], "restored": []}
+        faults = {"env_runners_lost": 0, "rollouts_lost": 0, "local_fallback": [], "restored": 0}
         self.last_faults = faults
         if group.num_remote_env_runners() == 0:
             return [self.env_runner.sample(tasks=names)]
@@ -271,7 +271,7 @@ class MultiTaskMAPPO(Algorithm):
         pending = list(names)
         for attempt in range(1 + int(self.config.marl["sample_retries"])):
             if attempt > 0:
-                faults["restored"] += self.restore_env_runners(group)
+                self.restore_env_runners(group)
             assignment = self._runner_tasks(group.healthy_env_runner_ids(), pending)
             if not assignment:
                 continue
@@ -301,6 +301,10 @@ class MultiTaskMAPPO(Algorithm):
             logger.warning("no healthy env runner for %s; sampling on the driver", pending)
             faults["local_fallback"] = list(pending)
             results.append(self.env_runner.sample(tasks=pending))
+        # Restarted runners come back here or in RLlib's restore before each training step.
+        restored_total = int(self._counters["total_num_restored_workers"])
+        faults["restored"] = restored_total - self.fault_totals.get("restored", 0)
+        self.fault_totals["restored"] = restored_total
         for key in ("env_runners_lost", "rollouts_lost"):
             self.fault_totals[key] += faults[key]
         self.fault_totals["local_fallbacks"] += len(faults["local_fallback"])

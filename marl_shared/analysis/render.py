@@ -181,7 +181,7 @@ def render_command(cfg) -> None:
     if not cfg.get("checkpoint"):
         raise ConfigError("render needs checkpoint=<run folder, checkpoint or policy export>.")
     policy = Policy.load(cfg.checkpoint)
-    task_name = cfg.get("task") or next(iter(policy.specs))
+    task_name = cfg.get("task_name") or next(iter(policy.specs))
     policy.spec(task_name)
     out = Path(cfg.out) if cfg.get("out") else Path(f"render_{task_name.replace('/', '__')}.gif")
     if out.suffix.lower() != ".gif":

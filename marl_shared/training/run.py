@@ -377,7 +377,7 @@ class Trainer:
             "env_runners_lost": faults.get("env_runners_lost", 0),
             "rollouts_lost": faults.get("rollouts_lost", 0),
             "local_fallback": len(faults.get("local_fallback", [])),
-            "restored": len(faults.get("restored", [])),
+            "restored": faults.get("restored", 0),
         }
         return record
 

@@ -140,9 +140,13 @@ def transfer_command(cfg) -> None:
 
     config, settings = validate_transfer_config(cfg)
     if settings.comparison:
+        from rich.console import Console
+
         from marl_shared.transfer.experiment import run_comparison
 
-        run_comparison(config, settings)
+        out = run_comparison(config, settings)
+        Console().print((out / "comparison.md").read_text())
+        Console().print(f"table, curves and runs: {out}")
         return
     pretrained = None
     if settings.backbone != SCRATCH:
