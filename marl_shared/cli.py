@@ -61,8 +61,17 @@ def _setup_logging() -> None:
         force=True,
     )
     logging.getLogger("marl_shared").setLevel(level)
-    for noisy in ("ray", "ray.rllib", "ray.tune", "jax", "absl"):
+    quiet_third_party_loggers()
+
+
+def quiet_third_party_loggers() -> None:
+    """Ray and RLlib set their loggers' levels when imported; call again after importing them."""
+    import ray.rllib  # noqa: F401 - imported for its logger set-up, which is then overridden
+
+    for noisy in ("ray", "ray.rllib", "ray.tune", "ray.train", "jax", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Ray re-enables its own deprecation warnings at import; filter them after it.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _quiet_environment() -> None:
@@ -72,6 +81,8 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # Ray's and RLlib's deprecation notices are about their internals, not user code.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     # Ray starts its helper processes after JAX is imported; those children never run JAX.
     warnings.filterwarnings("ignore", message="os.fork\\(\\) was called", category=RuntimeWarning)
 
@@ -184,8 +195,9 @@ def _summary_table(trainer, result):
     table = Table(
         title=f"Final greedy evaluation ({trainer.config.train.eval_episodes} episodes/task)"
     )
-    for column in ("task", "env steps", "return", "length", "win / score rate", "95% CI"):
-        table.add_column(column, justify="right" if column != "task" else "left")
+    table.add_column("task", overflow="fold")
+    for column in ("env steps", "return", "length", "win / score rate", "95% CI"):
+        table.add_column(column, justify="right")
     for spec in trainer.specs:
         values = result.final_eval.get(spec.name, {})
         key = "score_rate" if spec.outcome == "goal" else "win_rate"
