@@ -115,10 +115,15 @@ def train_command(cfg) -> None:
     specs = resolve_tasks(config)  # raises before anything is written
     created = not run_dir.exists()
     prepare_run_dir(run_dir, overwrite=config.overwrite, resuming=resume_from is not None)
-    trainer = Trainer(config, specs, run_dir)
+    run_and_clean_up(Trainer(config, specs, run_dir), created=created, resume_from=resume_from)
+
+
+def run_and_clean_up(trainer, *, created: bool, resume_from: Path | None = None) -> None:
+    """Train with the progress bar; a run that failed before recording anything leaves no folder."""
     try:
         _run_with_progress(trainer, resume_from)
     except BaseException:
+        run_dir = trainer.run_dir
         if created and not any(run_dir.glob("checkpoints/iter_*")) and not trainer.history:
             import shutil
 

@@ -135,7 +135,7 @@ def default_transfer_dir(config: TrainConfig, name: str = "transfer") -> Path:
 
 def transfer_command(cfg) -> None:
     """Validate, read the checkpoint, build, train; or run the transfer-vs-scratch protocol."""
-    from marl_shared.cli import _run_with_progress
+    from marl_shared.cli import run_and_clean_up
     from marl_shared.training.run import prepare_run_dir, resolve_tasks
 
     config, settings = validate_transfer_config(cfg)
@@ -158,13 +158,4 @@ def transfer_command(cfg) -> None:
     created = not run_dir.exists()
     prepare_run_dir(run_dir, overwrite=config.overwrite, resuming=False)
     trainer = TransferTrainer(config, specs, run_dir, settings, pretrained)
-    try:
-        _run_with_progress(trainer, None)
-    except BaseException:
-        if created and not any(run_dir.glob("checkpoints/iter_*")) and not trainer.history:
-            import shutil
-
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        trainer.stop()
+    run_and_clean_up(trainer, created=created)
