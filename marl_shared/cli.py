@@ -107,7 +107,7 @@ def train_command(cfg) -> None:
         resume_from = Path(config.resume).expanduser()
         run_dir = _run_dir_of(resume_from)
         started = load_run_config(run_dir)
-        started.train = config.train if _budget_overridden() else started.train
+        _apply_resume_overrides(started, config)
         config = started
     else:
         run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
@@ -145,8 +145,15 @@ def _run_dir_of(path: Path) -> Path:
     raise CheckpointError(f"Cannot resume from {path}: no run directory (config.yaml) holds it.")
 
 
-def _budget_overridden() -> bool:
-    return any(arg.startswith("train.") for arg in sys.argv[1:])
+def _apply_resume_overrides(started, composed) -> None:
+    """A resumed run keeps its config; only ``train.*`` keys named on its command line change."""
+    for arg in sys.argv[1:]:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key.startswith("train."):
+            field = key.split(".", 1)[1]
+            setattr(started.train, field, getattr(composed.train, field))
+        elif key not in ("resume", "overwrite"):
+            logger.warning("resume keeps the run's own config: %s is ignored", key)
 
 
 def _run_with_progress(trainer, resume_from: Path | None) -> None:
@@ -174,7 +181,7 @@ def _run_with_progress(trainer, resume_from: Path | None) -> None:
         def on_iteration(_trainer, record) -> None:
             progress.update(
                 bar,
-                completed=min(record["env_steps_total"], config.train.env_steps),
+                completed=record["env_steps_total"],
                 description=_progress_line(record),
             )
 

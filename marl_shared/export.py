@@ -71,6 +71,7 @@ def export_policy(
             "format": POLICY_FORMAT,
             "format_version": POLICY_FORMAT_VERSION,
             "shapes": {key: list(value.shape) for key, value in flat.items()},
+            "sha256": {POLICY_WEIGHTS: ckpt.file_sha256(tmp / POLICY_WEIGHTS)},
             "tasks": manifest["tasks"],
             "model": manifest["model"],
             "module_ids": {name: name.replace("/", "__") for name in tasks},

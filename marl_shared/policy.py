@@ -185,6 +185,11 @@ class Policy:
                 f"Policy export {path} has format version {manifest.get('format_version')}, "
                 f"this version reads {POLICY_FORMAT_VERSION}."
             )
+        expected = manifest.get("sha256", {}).get(POLICY_WEIGHTS)
+        if expected is None or ckpt.file_sha256(path / POLICY_WEIGHTS) != expected:
+            raise PolicyError(
+                f"Policy export {path} is corrupt: {POLICY_WEIGHTS} does not match its sha256."
+            )
         try:
             flat = load_file(str(path / POLICY_WEIGHTS))
         except Exception as error:  # noqa: BLE001 - any decoding failure means a corrupt file

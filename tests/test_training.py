@@ -152,3 +152,30 @@ def test_checkpoint_of_another_shape_is_refused_with_both_shapes(ray_local, tmp_
             other.load_checkpoint(tmp_path / "run")
     finally:
         other.stop()
+
+
+def test_overwrite_removes_the_previous_runs_records_and_keeps_other_files(tmp_path):
+    from marl_shared.training.run import prepare_run_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "iter_000008").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    (run / "tb").mkdir()
+    (run / "notes.txt").write_text("mine")
+    prepare_run_dir(run, overwrite=True, resuming=False)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_resume_changes_only_the_train_keys_named_on_the_command_line(tmp_path, monkeypatch):
+    from marl_shared import cli
+
+    started = make_config(tmp_path, "tasks=[smax/3m]", "train.eval_episodes=4")
+    composed = make_config(tmp_path, "tasks=[smax/2s3z]", "train.env_steps=900", "algo.lr=0.1")
+    monkeypatch.setattr(
+        "sys.argv", ["marl-shared train", "resume=x", "train.env_steps=900", "algo.lr=0.1"]
+    )
+    cli._apply_resume_overrides(started, composed)
+    assert started.train.env_steps == 900
+    assert started.train.eval_episodes == 4  # kept from the run, not reset to the default
+    assert started.tasks == ["smax/3m"] and started.algo.lr == 5e-4

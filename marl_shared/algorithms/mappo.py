@@ -188,7 +188,9 @@ class MAPPOTorchLearner(TorchLearner):
 
         probs = log_probs.exp()
         entropy = masked_mean(-(probs * log_probs).sum(-1))
-        approx_kl = masked_mean(batch[C.LOGP] - logp)
+        # KL(old || new) estimated as E[(r - 1) - log r] (Schulman's k3): never negative.
+        log_ratio = logp - batch[C.LOGP]
+        approx_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio)
 
         weight = float(self.task_weights.get(module_id, 1.0))
         total = policy_loss + settings["vf_loss_coeff"] * vf_loss

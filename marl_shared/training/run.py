@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +37,16 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 TASKS_FILE = "tasks.json"
+# Everything a training run writes into its directory (removed by overwrite=true).
+RUN_ARTEFACTS = (
+    CONFIG_FILE,
+    TASKS_FILE,
+    "checkpoints",
+    "metrics.jsonl",
+    "metrics.csv",
+    "tb",
+    "learning_curves.png",
+)
 RESUME_SEED_STRIDE = 104_729  # env runner seed offset per resumed iteration
 
 
@@ -77,6 +88,15 @@ def prepare_run_dir(path: Path, *, overwrite: bool, resuming: bool) -> Path:
             f"Run directory {path} already holds files; "
             "pass overwrite=true or pick another run_dir."
         )
+    if overwrite and not resuming and path.exists():
+        # A previous run's records would mix with the new one's (and its higher-numbered
+        # checkpoints would win "latest"): remove exactly what a run writes, nothing else.
+        for name in RUN_ARTEFACTS:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
