@@ -79,3 +79,21 @@ def test_doctor_reports_smax_usable(tmp_path, command):
     result = run_cli(tmp_path, command)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "smax" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "groups"),
+    [
+        ("train", True),
+        ("transfer", True),
+        ("continual", True),
+        ("evaluate", False),
+        ("merge", False),
+    ],
+)
+def test_help_names_the_command_and_only_groups_it_composes(tmp_path, command, groups):
+    result = run_cli(tmp_path, command, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"marl-shared {command}: ")
+    assert ("experiment: multitask" in result.stdout) is groups
+    assert "Keys and their defaults" in result.stdout

@@ -18,7 +18,7 @@ from marl_shared.models import columns as C
 from marl_shared.models.rl_modules import build_module_spec, task_module_id
 from marl_shared.policy import Policy, PolicyError
 from marl_shared.training import checkpoint as ckpt
-from marl_shared.training.config import validate_config
+from marl_shared.training.config import ConfigError, validate_config
 from marl_shared.training.run import Trainer, resolve_tasks
 
 GRF_TASK = "grf/academy_3_vs_1_with_keeper"
@@ -211,6 +211,13 @@ def test_render_writes_a_gif_of_a_smax_episode_with_both_teams(trained_run, tmp_
     path = save_gif(frames, tmp_path / "3m.gif")
     with Image.open(path) as gif:
         assert gif.format == "GIF" and gif.n_frames == len(frames)
+
+
+def test_render_refuses_a_step_limit_below_one(trained_run):
+    from marl_shared.analysis.render import record_episode
+
+    with pytest.raises(ConfigError, match="max_steps >= 1"):
+        record_episode(Policy.load(trained_run), "smax/3m", max_steps=0)
 
 
 @pytest.mark.skipif(not gfootball_available(), reason="football engine not built")

@@ -120,6 +120,21 @@ def test_tensorboard_holds_the_scalars_per_task_and_learner(run_dir):
     assert f"win_rate/{GRF}" not in tags  # always None for the football task
 
 
+def test_a_resumed_run_drops_tensorboard_points_after_its_checkpoint(run_dir):
+    from marl_shared.training.run import truncate_metrics
+
+    truncate_metrics(run_dir, 3)  # the run resumes from its iteration-3 checkpoint
+    later = record(4)
+    later["tasks"][SMAX]["episode_return_mean"] = -7.0
+    with MetricsWriter(run_dir) as writer:
+        writer.write(later)
+    accumulator = EventAccumulator(str(run_dir / "tb"))
+    accumulator.Reload()
+    returns = accumulator.Scalars(f"episode_return_mean/{SMAX}")
+    # Iterations 4 and 5 of the killed run are gone; 4 is the resumed run's point.
+    assert [(e.step, e.value) for e in returns] == [(1, 2.5), (2, 5.0), (4, -7.0)]
+
+
 def test_each_jsonl_line_is_fsynced(tmp_path, monkeypatch):
     synced = []
     real_fsync = metrics_module.os.fsync

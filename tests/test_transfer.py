@@ -239,7 +239,14 @@ def test_transfer_vs_scratch_protocol_runs_end_to_end(ray_local, tmp_path):
     for row in rows.values():
         assert row["final_rate"]["of"] == 2 and row["final_rate"]["n"] == 2
         assert 0.0 <= row["final_rate"]["mean"] <= 1.0
-    assert "| smax/3m | frozen |" in (out / "comparison.md").read_text()
+    assert "| smax/3m | frozen | 2 |" in (out / "comparison.md").read_text()
+    # Seeds run outermost, so a protocol stopped part-way has every mode on its seeds.
+    finished = {
+        seed: [(out / f"runs/smax__3m/{mode}/seed_{seed}/result.json").stat().st_mtime
+               for mode in rows]
+        for seed in (0, 1)
+    }  # fmt: skip
+    assert max(finished[0]) <= min(finished[1])
     assert (out / "comparison.png").stat().st_size > 5_000
     frozen = ckpt.load_module_state(ckpt.resolve_checkpoint(out / "runs/smax__3m/frozen/seed_0"))
     source = ckpt.load_module_state(ckpt.resolve_checkpoint(out / "pretrain"))

@@ -126,7 +126,11 @@ def record_episode(
     generator = torch.Generator().manual_seed(int(seed))
     frames: list[Image.Image] = []
     total, outcome, steps = 0.0, 0.0, 0
-    limit = int(max_steps or spec.episode_limit)
+    if max_steps is not None and int(max_steps) < 1:
+        raise ConfigError(
+            f"render needs max_steps >= 1 (or null for the episode limit), got {max_steps}."
+        )
+    limit = int(spec.episode_limit if max_steps is None else max_steps)
     try:
         current = task.reset(seed=int(seed))
         frames.append(draw(task.render_state(0), f"{task_name} t=0"))

@@ -190,19 +190,22 @@ class MetricsWriter:
         self.csv_path = self.run_dir / CSV_NAME
         self._columns: list[str] = []
         self._csv_file = None
+        purge_step = None
         if self.jsonl_path.exists():
             _cut_torn_tail(self.jsonl_path)
             existing = read_metrics(self.run_dir)
             if existing:
-                # Resuming: the CSV may be stale if the run died between the two writes.
+                # Resuming: the CSV may be stale if the run died between the two writes,
+                # and TensorBoard may hold iterations past the checkpoint; drop them.
                 write_csv(self.run_dir, existing)
                 self._columns = _ordered_columns([flatten(r) for r in existing])
+                purge_step = max(int(r.get("iteration", 0)) for r in existing) + 1
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR_NAME))
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR_NAME), purge_step=purge_step)
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Record one iteration: a durable JSONL line, a CSV row and TensorBoard scalars."""

@@ -144,10 +144,14 @@ def run_comparison(config: TrainConfig, transfer: TransferSettings) -> Path:
     source = Path(transfer.source) if transfer.source else pretrain(config, settings, out)
     pretrained = read_pretrained(source)
 
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for name, spec in specs.items():
-        for mode in settings.modes:
-            for seed in settings.seeds:
+    # Seeds outermost: a protocol stopped part-way has every task and mode on the seeds
+    # it finished, and the table is rewritten after each run so it is never stale.
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {
+        name: {mode: [] for mode in settings.modes} for name in specs
+    }
+    for seed in settings.seeds:
+        for name, spec in specs.items():
+            for mode in settings.modes:
                 run_dir = out / "runs" / task_module_id(name) / mode / f"seed_{seed}"
                 data = _done(run_dir)
                 if data is None:
@@ -155,15 +159,24 @@ def run_comparison(config: TrainConfig, transfer: TransferSettings) -> Path:
                     data = _train_mode(
                         config, transfer, spec, mode, seed, run_dir, pretrained, budget
                     )
-                results.setdefault(name, {}).setdefault(mode, []).append(data)
+                results[name][mode].append(data)
                 logger.info("%s %s seed %d: final rate %s", name, mode, seed, data["final_rate"])
-
-    table = summarise(results, settings)
-    (out / "comparison.json").write_text(json.dumps(table, indent=1))
-    (out / "comparison.md").write_text(markdown_table(table, settings))
-    plot_comparison(results, out / "comparison.png")
+                write_comparison(results, settings, out)
     logger.info("transfer versus scratch written to %s", out)
     return out
+
+
+def write_comparison(results, settings: ComparisonSettings, out: Path) -> None:
+    """comparison.json / .md / .png from the runs finished so far."""
+    finished = {
+        name: {mode: runs for mode, runs in modes.items() if runs}
+        for name, modes in results.items()
+    }
+    finished = {name: modes for name, modes in finished.items() if modes}
+    table = summarise(finished, settings)
+    (out / "comparison.json").write_text(json.dumps(table, indent=1))
+    (out / "comparison.md").write_text(markdown_table(table, settings))
+    plot_comparison(finished, out / "comparison.png")
 
 
 def _train_mode(config, transfer, spec: TaskSpec, mode, seed, run_dir, pretrained, budget):
@@ -240,15 +253,16 @@ def _fmt(cell: dict[str, Any], digits: int, integer: bool = False) -> str:
 def markdown_table(table: dict[str, Any], settings: ComparisonSettings) -> str:
     lines = [
         f"# Transfer versus scratch (target rate {settings.target_rate:.0%}, "
-        f"seeds {settings.seeds}; mean ± std over seeds)",
+        f"seeds {settings.seeds}; mean ± std over the seeds finished)",
         "",
-        "| task | mode | env steps to target | area under curve | final greedy rate |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| task | mode | seeds | env steps to target | area under curve | final greedy rate |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, rows in table["tasks"].items():
         for mode, row in rows.items():
             lines.append(
-                f"| {name} | {mode} | {_fmt(row['steps_to_target'], 0, integer=True)} | "
+                f"| {name} | {mode} | {row['final_rate']['of']} | "
+                f"{_fmt(row['steps_to_target'], 0, integer=True)} | "
                 f"{_fmt(row['auc'], 3)} | {_fmt(row['final_rate'], 3)} |"
             )
     return "\n".join(lines) + "\n"
