@@ -197,3 +197,40 @@ def test_merge_of_two_real_finetuned_backbones_is_evaluated_on_both_tasks(ray_lo
         b.modules["smax__2s3z"]["critic.net.0.0.weight"],
     )
     assert (out / "merge.md").read_text().count("|") > 10
+
+
+def test_a_model_is_scored_only_on_tasks_it_or_the_base_has_modules_for():
+    """Held-out tasks fine-tuned apart: model A never saw B's task, nor did the base."""
+    from marl_shared.merging.command import Source, individual_state, merge_table, playable
+
+    def source(modules, owned):
+        made = Source.__new__(Source)
+        made.modules, made.owned = modules, owned
+        return made
+
+    weights = {"w": np.zeros(2, dtype=np.float32)}
+    base = source({"shared_backbone": weights, "smax__3m": weights}, [])
+    a = source({"shared_backbone": weights, "smax__5m_vs_6m": weights}, ["smax/5m_vs_6m"])
+    b = source({"shared_backbone": weights, "smax__10m_vs_11m": weights}, ["smax/10m_vs_11m"])
+    tasks = ["smax/5m_vs_6m", "smax/10m_vs_11m", "smax/3m"]
+    state = individual_state(a, base, tasks)
+    assert set(state) == {"shared_backbone", "smax__5m_vs_6m", "smax__3m"}
+    assert playable(state, tasks) == ["smax/5m_vs_6m", "smax/3m"]
+
+    score = {"rate": 0.5, "return": 1.0}
+    result = {
+        "tasks": tasks[:2],
+        "method": "ties",
+        "scaling": 1.0,
+        "episodes": 4,
+        "sweep": [],
+        "rows": {
+            "merged": {"smax/5m_vs_6m": score, "smax/10m_vs_11m": {"rate": 0.0, "return": 0.0}},
+            "model 0: a": {"smax/5m_vs_6m": score},
+            "model 1: b": {"smax/10m_vs_11m": score},
+        },
+    }
+    lines = merge_table(result, [a, b]).splitlines()
+    assert "| model 0: a | 0.50 (1.00)* | - | 0.500 |" in lines
+    assert "| model 1: b | - | 0.50 (1.00)* | 0.500 |" in lines
+    assert "| merged | 0.50 (1.00) | 0.00 (0.00) | 0.250 |" in lines

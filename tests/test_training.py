@@ -179,3 +179,27 @@ def test_resume_changes_only_the_train_keys_named_on_the_command_line(tmp_path, 
     assert started.train.env_steps == 900
     assert started.train.eval_episodes == 4  # kept from the run, not reset to the default
     assert started.tasks == ["smax/3m"] and started.algo.lr == 5e-4
+
+
+def test_an_evaluation_does_not_depend_on_the_evaluations_before_it(ray_local, tmp_path):
+    """Same weights, seed and episode count give the same episodes, whatever ran before."""
+    config = make_config(
+        tmp_path, "tasks=[smax/3m,smax/2s3z]", "task.backends.smax.eval_num_envs=4"
+    )
+    trainer = Trainer(config, resolve_tasks(config), tmp_path / "run")
+    try:
+        trainer.build()
+        runner = trainer.algo.env_runner
+        fresh = runner.evaluate(4, greedy=False, seed=7)
+        runner.evaluate(2, greedy=False, seed=3)  # two environments per task this time
+        assert {task.num_envs for task in runner._eval_tasks.values()} == {2}
+        again = runner.evaluate(4, greedy=False, seed=7)
+        assert {task.num_envs for task in runner._eval_tasks.values()} == {4}
+        only = runner.evaluate(4, greedy=False, seed=7, tasks=["smax/2s3z"])
+    finally:
+        trainer.stop()
+    for name in ("smax/3m", "smax/2s3z"):
+        assert again[name]["returns"] == fresh[name]["returns"]
+        assert again[name]["lengths"] == fresh[name]["lengths"]
+    assert set(only) == {"smax/2s3z"}
+    assert only["smax/2s3z"]["returns"] == fresh["smax/2s3z"]["returns"]

@@ -173,7 +173,13 @@ class BatchedTaskEnvRunner(EnvRunner, Checkpointable):
     # ----------------------------------------------------------------- sampling
 
     def _act(
-        self, module: TaskModule, current: StepBatch, prev_actions, hidden, greedy: bool
+        self,
+        module: TaskModule,
+        current: StepBatch,
+        prev_actions,
+        hidden,
+        greedy: bool,
+        generator: torch.Generator | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         batch = {
             C.OBS: torch.from_numpy(current.obs),
@@ -184,7 +190,7 @@ class BatchedTaskEnvRunner(EnvRunner, Checkpointable):
         if hidden is not None:
             batch[C.HIDDEN] = hidden
         out = module.forward_exploration(batch) if not greedy else module.forward_inference(batch)
-        actions, logp = greedy_or_sample(out[C.LOGITS], greedy, self.generator)
+        actions, logp = greedy_or_sample(out[C.LOGITS], greedy, generator or self.generator)
         return out, actions, logp
 
     @torch.no_grad()
@@ -299,25 +305,44 @@ class BatchedTaskEnvRunner(EnvRunner, Checkpointable):
 
     # ----------------------------------------------------------------- evaluation
 
-    def evaluate(self, num_episodes: int, *, greedy: bool = True, seed: int = 0) -> dict[str, Any]:
-        """Greedy (or sampled) evaluation of every task; see :meth:`_evaluate`."""
+    def evaluate(
+        self,
+        num_episodes: int,
+        *,
+        greedy: bool = True,
+        seed: int = 0,
+        tasks: Collection[str] | None = None,
+    ) -> dict[str, Any]:
+        """Greedy (or sampled) evaluation of every task (or of ``tasks``); see :meth:`_evaluate`."""
         with single_threaded_torch():
-            return self._evaluate(num_episodes, greedy=greedy, seed=seed)
+            return self._evaluate(num_episodes, greedy=greedy, seed=seed, tasks=tasks)
 
     @torch.no_grad()
-    def _evaluate(self, num_episodes: int, *, greedy: bool, seed: int) -> dict[str, Any]:
+    def _evaluate(
+        self, num_episodes: int, *, greedy: bool, seed: int, tasks: Collection[str] | None
+    ) -> dict[str, Any]:
         """``num_episodes`` fresh episodes per task; each environment counts once per round."""
         report = {}
         for index, spec in enumerate(self.task_specs):
+            if tasks is not None and spec.name not in tasks:
+                continue
             module: TaskModule = self.module[task_module_id(spec.name)]
             width = int(self.settings["eval_num_envs"].get(spec.name, num_episodes))
             width = max(1, min(width, num_episodes))
-            if spec.name not in self._eval_tasks:
+            task = self._eval_tasks.get(spec.name)
+            if task is not None and task.num_envs != width:
+                # The episodes played depend on the width: never reuse another width's envs,
+                # or one evaluation's numbers would depend on what was evaluated before.
+                task.close()
+                task = None
+            if task is None:
                 options = self._task_options(spec.name)
-                self._eval_tasks[spec.name] = make_task(spec.name, num_envs=width, **options)
-            task = self._eval_tasks[spec.name]
+                task = make_task(spec.name, num_envs=width, **options)
+                self._eval_tasks[spec.name] = task
             stats = EpisodeStats()
             round_index = 0
+            # Sampled evaluation draws from its own seeded stream, not the training one.
+            sampler = torch.Generator().manual_seed(seed * 100_003 + index * 1009)
             while len(stats.returns) < num_episodes:
                 current = task.reset(seed=seed * 100_003 + index * 1009 + round_index)
                 round_index += 1
@@ -327,7 +352,7 @@ class BatchedTaskEnvRunner(EnvRunner, Checkpointable):
                 ret = np.zeros(task.num_envs)
                 length = np.zeros(task.num_envs, dtype=np.int64)
                 while running.any():
-                    out, actions, _ = self._act(module, current, prev, hidden, greedy)
+                    out, actions, _ = self._act(module, current, prev, hidden, greedy, sampler)
                     step = task.step(actions.numpy())
                     done = step.terminated | step.truncated
                     ret += np.where(running, step.reward, 0.0)

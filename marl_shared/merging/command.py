@@ -113,16 +113,19 @@ def union_tasks(sources: list[Source]) -> list[str]:
 
 
 def individual_state(source: Source, base: Source, tasks: list[str]) -> State:
-    """A source model as it is; task modules it lacks come from the base (marked in the table)."""
+    """A source model as it is; task modules it lacks come from the base when the base has
+    them. Tasks neither has (a held-out task another model was trained on) are left out."""
     state: State = {BACKBONE_ID: source.modules[BACKBONE_ID]}
     for task in tasks:
         mid = task_module_id(task)
-        state[mid] = source.modules.get(mid, base.modules.get(mid))
-        if state[mid] is None:
-            raise ckpt.CheckpointError(
-                f"Neither {source.path} nor the base has a module for {task}."
-            )
+        module = source.modules.get(mid, base.modules.get(mid))
+        if module is not None:
+            state[mid] = module
     return state
+
+
+def playable(state: State, tasks: list[str]) -> list[str]:
+    return [t for t in tasks if task_module_id(t) in state]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -149,6 +152,8 @@ class Evaluator:
         self.trainer.build()
 
     def evaluate(self, state: State, episodes: int, seed: int) -> dict[str, dict[str, float]]:
+        """Success rate and return on every task ``state`` has modules for; the others'
+        modules keep whatever the previous candidate left and are not played."""
         from marl_shared.training.run import rate_key
 
         algo = self.trainer.algo
@@ -160,9 +165,12 @@ class Evaluator:
         algo.env_runner_group.sync_weights(
             from_worker_or_learner_group=algo.learner_group, inference_only=True
         )
-        raw = algo.env_runner.evaluate(episodes, greedy=True, seed=seed)
+        tasks = playable(state, [spec.name for spec in self.specs])
+        raw = algo.env_runner.evaluate(episodes, greedy=True, seed=seed, tasks=tasks)
         report = {}
         for spec in self.specs:
+            if spec.name not in tasks:
+                continue
             outcomes = np.asarray(raw[spec.name]["outcomes"], dtype=float)
             returns = np.asarray(raw[spec.name]["returns"], dtype=float)
             report[spec.name] = {
@@ -177,6 +185,7 @@ class Evaluator:
 
 
 def mean_score(report: dict[str, dict[str, float]]) -> tuple[float, float]:
+    """Mean rate and return over the tasks played (a model missing a task is not scored on it)."""
     rates = [v["rate"] for v in report.values()]
     returns = [v["return"] for v in report.values()]
     return float(np.mean(rates)), float(np.mean(returns))
@@ -313,7 +322,8 @@ def merge_table(result: dict[str, Any], sources: list[Source]) -> str:
     owners = {t: i for i, s in enumerate(sources) for t in s.owned}
     lines = [
         f"Merge: {result['method']}, scaling {result['scaling']}; greedy success rate (return) "
-        f"over {result['episodes']} episodes per task. * = the model's own fine-tuned task.",
+        f"over {result['episodes']} episodes per task. * = the model's own fine-tuned task; "
+        "- = the model has no modules for that task; mean rate over the tasks played.",
         "",
         "| model | " + " | ".join(tasks) + " | mean rate |",
         "|---" * (len(tasks) + 2) + "|",
@@ -321,6 +331,9 @@ def merge_table(result: dict[str, Any], sources: list[Source]) -> str:
     for name, report in result["rows"].items():
         cells = []
         for task in tasks:
+            if task not in report:
+                cells.append("-")  # the model has no modules for this task
+                continue
             own = name.startswith(f"model {owners[task]}:")
             cells.append(
                 f"{report[task]['rate']:.2f} ({report[task]['return']:.2f}){'*' if own else ''}"
@@ -348,7 +361,15 @@ def merge_command(cfg) -> None:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output) if cfg.output else Path("runs") / f"{stamp}-merge-{cfg.method}"
     _settings(cfg)  # fail before anything is written
+    created = not run_dir.exists()
     prepare_run_dir(run_dir, overwrite=bool(cfg.overwrite), resuming=False)
-    run_merge(cfg, run_dir)
+    try:
+        run_merge(cfg, run_dir)
+    except BaseException:
+        if created and not (run_dir / "merge.json").exists():
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value was written
+        raise
     Console().print(Markdown((run_dir / "merge.md").read_text()))
     Console().print(f"merged checkpoint: {run_dir / 'checkpoints'}")
