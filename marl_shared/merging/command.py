@@ -321,7 +321,9 @@ def merge_table(result: dict[str, Any], sources: list[Source]) -> str:
     tasks = result["tasks"]
     owners = {t: i for i, s in enumerate(sources) for t in s.owned}
     lines = [
-        f"Merge: {result['method']}, scaling {result['scaling']}; greedy success rate (return) "
+        f"Merge: {result['method']}"
+        + ("" if result["method"] == "average" else f", scaling {result['scaling']}")
+        + "; greedy success rate (return) "
         f"over {result['episodes']} episodes per task. * = the model's own fine-tuned task; "
         "- = the model has no modules for that task; mean rate over the tasks played.",
         "",
