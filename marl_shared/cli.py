@@ -120,15 +120,16 @@ def train_command(cfg) -> None:
 
 def run_and_clean_up(trainer, *, created: bool, resume_from: Path | None = None) -> None:
     """Train with the progress bar; a run that failed before recording anything leaves no folder."""
-    try:
-        _run_with_progress(trainer, resume_from)
-    except BaseException:
-        run_dir = trainer.run_dir
-        if created and not any(run_dir.glob("checkpoints/iter_*")) and not trainer.history:
-            import shutil
+    from marl_shared.training.run import removed_on_failure
 
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    run_dir = trainer.run_dir
+    try:
+        with removed_on_failure(
+            run_dir,
+            created=created,
+            kept=lambda: bool(trainer.history) or any(run_dir.glob("checkpoints/iter_*")),
+        ):
+            _run_with_progress(trainer, resume_from)
     finally:
         trainer.stop()
 

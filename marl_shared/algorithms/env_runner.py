@@ -341,10 +341,11 @@ class BatchedTaskEnvRunner(EnvRunner, Checkpointable):
                 self._eval_tasks[spec.name] = task
             stats = EpisodeStats()
             round_index = 0
+            task_seed = seed * 100_003 + index * 1009
             # Sampled evaluation draws from its own seeded stream, not the training one.
-            sampler = torch.Generator().manual_seed(seed * 100_003 + index * 1009)
+            sampler = torch.Generator().manual_seed(task_seed)
             while len(stats.returns) < num_episodes:
-                current = task.reset(seed=seed * 100_003 + index * 1009 + round_index)
+                current = task.reset(seed=task_seed + round_index)
                 round_index += 1
                 prev = np.full((task.num_envs, spec.num_agents), -1, dtype=np.int64)
                 hidden = module.initial_hidden((task.num_envs,)) if module.recurrent else None

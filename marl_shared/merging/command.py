@@ -168,9 +168,7 @@ class Evaluator:
         tasks = playable(state, [spec.name for spec in self.specs])
         raw = algo.env_runner.evaluate(episodes, greedy=True, seed=seed, tasks=tasks)
         report = {}
-        for spec in self.specs:
-            if spec.name not in tasks:
-                continue
+        for spec in (spec for spec in self.specs if spec.name in raw):
             outcomes = np.asarray(raw[spec.name]["outcomes"], dtype=float)
             returns = np.asarray(raw[spec.name]["returns"], dtype=float)
             report[spec.name] = {
@@ -358,20 +356,14 @@ def merge_command(cfg) -> None:
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from marl_shared.training.run import prepare_run_dir
+    from marl_shared.training.run import prepare_run_dir, removed_on_failure
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output) if cfg.output else Path("runs") / f"{stamp}-merge-{cfg.method}"
     _settings(cfg)  # fail before anything is written
     created = not run_dir.exists()
     prepare_run_dir(run_dir, overwrite=bool(cfg.overwrite), resuming=False)
-    try:
+    with removed_on_failure(run_dir, created=created, kept=(run_dir / "merge.json").exists):
         run_merge(cfg, run_dir)
-    except BaseException:
-        if created and not (run_dir / "merge.json").exists():
-            import shutil
-
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value was written
-        raise
     Console().print(Markdown((run_dir / "merge.md").read_text()))
     Console().print(f"merged checkpoint: {run_dir / 'checkpoints'}")

@@ -13,7 +13,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -99,6 +100,18 @@ def prepare_run_dir(path: Path, *, overwrite: bool, resuming: bool) -> Path:
                 target.unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def removed_on_failure(path: Path, *, created: bool, kept: Callable[[], bool]) -> Iterator[None]:
+    """A failing command removes the folder it created unless ``kept()``: it wrote something
+    of value. Folders that existed before the command are never removed."""
+    try:
+        yield
+    except BaseException:
+        if created and not kept():
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- building
